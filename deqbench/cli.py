@@ -30,6 +30,11 @@ EXIT_USAGE = 2
 EXIT_SIGINT = 128 + signal.SIGINT  # 130
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 
+MEASURE_COMMANDS = {
+    "memory": "memory of one training step, IFT against unrolled backprop, per forward limit (deqbench memory --help)",
+    "bench": "solver speed on the TINY cell, deqbench against torchdeq 0.1.0 (deqbench bench --help)",
+}
+
 
 def _positive(text: str) -> int:
     return _integer(text, 1)
@@ -150,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="for tests: stop as if SIGTERM arrived during optimizer step N, writing a checkpoint "
                      "to resume from (default: run to the end)")
     reproduce.set_defaults(handler=_reproduce)
+
+    # The measurement commands keep their own parser in deqbench.measure.runner;
+    # main() hands them their arguments before this parser sees them.
+    for name, summary in MEASURE_COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
     return parser
 
 
@@ -319,6 +329,11 @@ def _measure(prepared: PreparedRun, steps: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `deqbench` command with ``argv`` (default: sys.argv[1:]) and return its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in MEASURE_COMMANDS:
+        from deqbench.measure.runner import main as measure_main
+
+        return measure_main(argv)
+
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.handler(args, argv)
