@@ -251,12 +251,28 @@ def prepare(request: ReproduceRequest, *, check_paths: bool = True) -> PreparedR
     # Paths, and what already exists there.
     run_name = published.name if published.variant == "code" else f"{published.name}-{published.variant}"
     run_name = f"{run_name}-{budget.name}"
+    if request.output is None and request.results is None and not request.resume and not request.overwrite:
+        run_name = _unused_run_name(run_name)
     output_dir = Path(request.output) if request.output else DEFAULT_RUNS_DIR / run_name
     results_path = Path(request.results) if request.results else DEFAULT_RESULTS_DIR / f"{run_name}.json"
     prepared = PreparedRun(request, published, scenario, budget, device_type, workers, run_name, output_dir, results_path)
     if check_paths:
         _check_paths(prepared)
     return prepared
+
+
+def _unused_run_name(run_name: str) -> str:
+    """Return ``run_name``, or ``run_name-N`` with the smallest N >= 2 whose default paths are free.
+
+    A new run with default paths thus never touches an earlier run's result
+    or checkpoints. Explicit --output or --results paths are never renamed:
+    they are checked, and rejected when taken, by _check_paths.
+    """
+    candidate, number = run_name, 1
+    while (DEFAULT_RESULTS_DIR / f"{candidate}.json").exists() or (DEFAULT_RUNS_DIR / candidate / CHECKPOINT_DIR).exists():
+        number += 1
+        candidate = f"{run_name}-{number}"
+    return candidate
 
 
 def _check_paths(prepared: PreparedRun) -> None:
