@@ -4,7 +4,8 @@
 
 Exit status:
     0    training completed, whatever the verdict
-    1    training failed (divergence, or solvers that stopped converging); the result file gives the reason
+    1    training failed (divergence, or solvers that stopped converging), and the result file gives the reason.
+         Also used when a log, checkpoint, plot or result file could not be written, with the OS error printed.
     2    invalid options or missing data; nothing was trained
     130  stopped by SIGINT, 143 stopped by SIGTERM; a checkpoint was written, so rerun with --resume
 This module is the only part of deqbench that prints.
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--variant", choices=("code", "jr_paper"), default="code",
                       help="hyperparameters of the public code, or of the Jacobian-regularization paper's table (LARGE_REG only)")
     training.add_argument("--budget", choices=("full", "smoke"), default="full",
-                      help="full: the published schedule on all images; smoke: TINY-sized check of a few minutes on two "
+                      help="full: the published schedule on all images; smoke: a check of 8 to 15 minutes on two "
                       "CPU cores (1 epoch, 3,000 training and 1,000 test images, batch 32, 90%% of the steps in warm-up)")
     training.add_argument("--seed", type=_non_negative, default=None, metavar="N",
                       help="seed of weights, data order and dropout (default: the scenario's, 42)")
@@ -244,8 +245,11 @@ def _reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
         command=("deqbench", *argv),
     )
     if args.measure_steps is not None and (args.resume or args.stop_after_steps is not None):
-        return _error("--measure-steps trains no run, so it cannot be combined with --resume or --stop-after-steps")
+        return _error(
+            "--measure-steps trains no run, so it cannot be combined with --resume or --stop-after-steps; drop one of them"
+        )
 
+    prepared: PreparedRun | None = None
     try:
         prepared = prepare(request, check_paths=args.measure_steps is None)
         _configure_logging()
@@ -263,10 +267,39 @@ def _reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except (UsageError, DataError, CheckpointError) as error:
         return _error(str(error))
     except KeyboardInterrupt:
-        print("deqbench reproduce: aborted by a second Ctrl-C; --resume continues from the last checkpoint", file=sys.stderr)
+        # A second Ctrl-C during training, or the first one before training installed its handler.
+        print(
+            "deqbench reproduce: aborted by Ctrl-C; to continue from the newest checkpoint, if the run wrote one, "
+            f"run: {_resume_command(argv, prepared)}",
+            file=sys.stderr,
+        )
         return EXIT_SIGINT
+    except OSError as error:
+        # Checkpoints are written atomically, so every one on disk is complete and --resume can use it.
+        print(
+            f"deqbench reproduce: error: {error}; fix the cause (disk space, permissions), then continue from the "
+            f"newest checkpoint, if the run wrote one, with: {_resume_command(argv, prepared)}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
     return _report(report, argv)
+
+
+def _resume_command(argv: Sequence[str], prepared: PreparedRun | None) -> str:
+    """Return the command that continues this run: ``argv`` with --resume, and with its paths where they were defaults.
+
+    A new run with default paths may have taken a free name such as
+    TINY-smoke-2, which the same command with --resume would not pick.
+    """
+    command = ["deqbench", *argv]
+    if "--resume" not in argv:
+        command.append("--resume")
+    if prepared is not None and prepared.request.output is None:
+        command += ["--output", str(prepared.output_dir)]
+    if prepared is not None and prepared.request.results is None:
+        command += ["--results", str(prepared.results_path)]
+    return shlex.join(command)
 
 
 def _exit_status(outcome: TrainOutcome) -> int:
@@ -285,9 +318,8 @@ def _report(report: ReproduceReport, argv: Sequence[str]) -> int:
         return _exit_status(outcome)
 
     if outcome.status == "interrupted":
-        resume = ["deqbench", *argv] + ([] if "--resume" in argv else ["--resume"])
         print(f"interrupted after step {outcome.steps}; checkpoint: {outcome.checkpoint}")
-        print(f"resume with: {shlex.join(resume)}")
+        print(f"resume with: {_resume_command(argv, report.prepared)}")
         return _exit_status(outcome)
 
     result = report.result or {}

@@ -141,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write_json(RESULT_PATH, report)
     summary = report["summary"]
     print(f"gradcheck: {summary['passed']} of {summary['checks']} checks passed; wrote {RESULT_PATH}")
+    if pytest_exit_code != 0:
+        print(f"gradcheck: pytest failed with exit code {pytest_exit_code}; see its output above", file=sys.stderr)
     return exit_status(pytest_exit_code, rows)
 
 

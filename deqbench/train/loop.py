@@ -35,7 +35,7 @@ from deqbench.train.checkpointing import TrainerCheckpoints
 from deqbench.train.distributed import DistContext, all_reduce_max, all_reduce_sum, convert_batch_norm
 from deqbench.train.metrics import EpochMeter, peak_memory_bytes, reduce_step, solver_moments
 from deqbench.train.progress import NullProgress, Progress
-from deqbench.train.sampling import GlobalBatchSampler, SeededDataset, worker_init
+from deqbench.train.sampling import GlobalBatchSampler, SeededDataset, start_workers, worker_init
 from deqbench.train.schedule import cosine_lr, jacobian_step
 from deqbench.train.seeding import derive_seed, seed_everything
 from deqbench.train.settings import CHECKPOINT_DIR, LOG_NAME, RunFailed, StopSignals, TrainOutcome, TrainSettings
@@ -129,7 +129,7 @@ class Trainer(TrainerCheckpoints):
             atomic_write_bytes(settings.log_path, b"")
         self.segment_start = time.perf_counter()
         logger.info(
-            "training %s for %d epochs (%d steps, %d in warm-up) from step %d",
+            "training %s for %d epoch(s) (%d steps, %d in warm-up) from step %d",
             settings.scenario.name, epochs, plan.total_steps, plan.warmup_steps, self.step,
         )
 
@@ -145,7 +145,7 @@ class Trainer(TrainerCheckpoints):
                     if self.stop_requested and self.epoch < epochs:
                         return self._outcome("interrupted")
         except RunFailed as error:
-            logger.error("training failed at step %d: %s", self.step, error)
+            logger.error("training failed at step %d: %s", error.failure["step"], error)
             return self._outcome("failed", failure=error.failure)
         finally:
             progress.close()
@@ -207,7 +207,7 @@ class Trainer(TrainerCheckpoints):
         self.epoch_start = time.perf_counter()
         progress.epoch_started(self.epoch, self.settings.scenario.train.epochs, plan.steps_per_epoch, self.batch)
 
-        for images, labels in self._train_loader():
+        for images, labels in start_workers(self._train_loader()):
             postfix = self._train_step(images, labels)
             self.batch += 1
             progress.step_done(postfix)
@@ -415,14 +415,21 @@ class Trainer(TrainerCheckpoints):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Measure test accuracy and loss with the implicit layer in eval mode, summed over processes."""
+        """Measure test accuracy and loss with the implicit layer in eval mode, summed over processes.
+
+        Raises RunFailed on every process when any test image gives a NaN or
+        infinite logit or equilibrium state, so that a diverged model never
+        reaches a checkpoint.
+        """
         self.model.eval()
         batch_size = self.settings.eval_batch_size
         if batch_size is None:
             batch_size = math.ceil(self.settings.scenario.train.batch_size / self.ctx.world_size)
         loader = DataLoader(self.test_shard, batch_size=batch_size, shuffle=False)
-        sums = torch.zeros(5, dtype=torch.float64)  # correct, loss, images, forward NFE, samples with NFE
+        # correct, loss, images, forward NFE, samples with NFE, images with a non-finite logit or state
+        sums = torch.zeros(6, dtype=torch.float64)
         nfe_max = 0
+        first_bad_stats = None  # forward statistics of this process's first batch with a non-finite sample
         for images, labels in loader:
             images, labels = images.to(self.device), labels.to(self.device)
             output: MDEQOutput = self.model(images, mode="implicit")
@@ -433,11 +440,23 @@ class Trainer(TrainerCheckpoints):
                 sums[3] += float(output.forward_stats.nfe.double().sum())
                 sums[4] += output.forward_stats.nfe.numel()
                 nfe_max = max(nfe_max, int(output.forward_stats.nfe.max()))
+            bad = int(_non_finite_samples(output).sum())
+            sums[5] += bad
+            if bad and first_bad_stats is None:
+                first_bad_stats = output.forward_stats
         self.model.train()
 
         all_reduce_sum(sums, self.ctx)
         maxima = all_reduce_max(torch.tensor([float(nfe_max)], dtype=torch.float64), self.ctx)
-        correct, loss, images, nfe, nfe_samples = sums.tolist()
+        correct, loss, images, nfe, nfe_samples, non_finite = sums.tolist()
+        if non_finite > 0:
+            failure = self._failure("non_finite", "eval", {"loss_sum": loss, "images": images}, first_bad_stats, None)
+            failure["reason"] = (
+                f"the logits or the equilibrium state of {int(non_finite)} of {int(images)} test images became "
+                f"NaN or infinite in the evaluation after epoch {self.epoch + 1}"
+            )
+            failure["step"] = self.step  # the last optimizer step; evaluation takes none
+            raise RunFailed(failure)
         return {
             "test_acc": 100.0 * correct / max(images, 1.0),
             "test_loss": loss / max(images, 1.0),
@@ -445,3 +464,11 @@ class Trainer(TrainerCheckpoints):
             "test_nfe_mean": nfe / nfe_samples if nfe_samples else None,
             "test_nfe_max": int(maxima.item()) if nfe_samples else None,
         }
+
+
+def _non_finite_samples(output: MDEQOutput) -> Tensor:
+    """Flag the samples whose logits or equilibrium state hold a NaN or infinite value; (B,) bool."""
+    bad = ~torch.isfinite(output.logits).all(dim=1)  # logits (B, num_classes)
+    for part in output.state:
+        bad |= ~torch.isfinite(part.flatten(1)).all(dim=1)  # part (B, C_i, H_i, W_i) -> (B, C_i * H_i * W_i)
+    return bad

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -129,6 +130,9 @@ def parse_settings(settings: tuple[str, ...] | list[str]) -> dict[str, Any]:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
+        # json.loads accepts NaN and Infinity, which no scenario value can use.
+        if _has_non_finite(value):
+            raise UsageError(f"--set {item!r} is invalid; expected finite numbers, so pass a finite value")
         parts = key.strip().split(".")
         node = nested
         for part in parts[:-1]:
@@ -140,6 +144,14 @@ def parse_settings(settings: tuple[str, ...] | list[str]) -> dict[str, Any]:
             raise UsageError(f"--set {key} is given twice; set each key once")
         node[parts[-1]] = value
     return nested
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list):
+        return any(_has_non_finite(item) for item in value)
+    return False
 
 
 def _require(value: int | None, name: str, minimum: int, meaning: str) -> None:
@@ -193,9 +205,10 @@ def prepare(request: ReproduceRequest, *, check_paths: bool = True) -> PreparedR
     _require(request.max_unconverged_steps, "--max-unconverged-steps", 0, "0 disables the check")
     _require(request.seed, "--seed", 0, "non-negative seed")
     _require(request.stop_after_steps, "--stop-after-steps", 1, "optimizer steps before stopping")
-    if not 0.0 < request.unconverged_residual:
+    if not (0.0 < request.unconverged_residual and math.isfinite(request.unconverged_residual)):
         raise UsageError(
-            f"--unconverged-residual {request.unconverged_residual!r} is invalid; expected a relative residual > 0"
+            f"--unconverged-residual {request.unconverged_residual!r} is invalid; expected a finite relative residual > 0 "
+            "(pass --max-unconverged-steps 0 to disable the check)"
         )
     for value, name, limit in (
         (request.train_subset, "--train-subset", CIFAR10_TRAIN_IMAGES),
@@ -211,12 +224,16 @@ def prepare(request: ReproduceRequest, *, check_paths: bool = True) -> PreparedR
         raise UsageError(str(error)) from error
     nested = parse_settings(request.settings)
     schedule = _pop_schedule_settings(nested, request)
-    _require(schedule["epochs"], "train.epochs", 1, "training epochs")
-    _require(schedule["batch_size"], "train.batch_size", 1, "images per optimizer step")
-    _require(schedule["warmup"], "deq.warmup_iterations", 0, "optimizer steps with the unrolled cell")
-    _require(schedule["seed"], "train.seed", 0, "non-negative seed")
+    # The flags passed their checks above, so an invalid value here came from --set.
+    _require(schedule["epochs"], "--set train.epochs", 1, "training epochs")
+    _require(schedule["batch_size"], "--set train.batch_size", 1, "images per optimizer step")
+    _require(schedule["warmup"], "--set deq.warmup_iterations", 0, "optimizer steps with the unrolled cell")
+    _require(schedule["seed"], "--set train.seed", 0, "non-negative seed")
     try:
         scenario = apply_overrides(published, nested) if nested else published
+    except ConfigError as error:
+        raise UsageError(f"{error}; correct that --set option") from error
+    try:
         if schedule["seed"] is not None:
             scenario = apply_overrides(scenario, {"train": {"seed": schedule["seed"]}})
         budget = make_budget(

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deqbench.train.schedule import steps_per_epoch
 
@@ -102,8 +102,33 @@ def worker_init(worker_id: int) -> None:
     """Make DataLoader workers ignore SIGINT, so Ctrl-C reaches only the trainer.
 
     The trainer finishes its step and writes a checkpoint; a worker killed by
-    the same Ctrl-C would instead break the loader under it. Worker seeds need
-    no setting here because SeededDataset seeds every item.
+    the same Ctrl-C would instead break the loader under it. Workers start
+    with SIGINT blocked (see start_workers), and a Ctrl-C that came before
+    this point is discarded when the mask is lifted. Worker seeds need no
+    setting here because SeededDataset seeds every item.
     """
     del worker_id
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def start_workers(loader: DataLoader) -> Iterator[Any]:
+    """Return iter(loader), whose workers start with SIGINT blocked until worker_init ignores it.
+
+    Until then a forked worker runs the trainer's SIGINT handler and a spawned
+    one Python's default, which raises KeyboardInterrupt and kills it. A
+    SIGINT sent to this process meanwhile stays pending and is handled as
+    soon as the workers have started.
+
+    NOTE: tested with the fork start method, the Linux default before Python
+    3.14. Spawned workers inherit the mask too; forkserver workers inherit
+    the server's mask, which is blocked only if this call started the server.
+    """
+    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -22,7 +22,7 @@ CIFAR10_TEST_IMAGES = 10_000
 
 BUDGET_NAMES = ("full", "smoke")
 
-# Schedule of the `smoke` budget: a few minutes of TINY on two CPU cores that
+# Schedule of the `smoke` budget: 8 to 15 minutes of TINY on two CPU cores that
 # still passes through warm-up and the implicit layer on real images.
 SMOKE_EPOCHS = 1
 SMOKE_TRAIN_SUBSET = 3000  # training images

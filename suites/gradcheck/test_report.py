@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import jsonschema
@@ -27,6 +28,10 @@ ROW = dict(
 )
 
 
+# Read at import, before the fixture below removes the variable for each test.
+INSIDE_REPORT_RUN = bool(os.environ.get(gradcheck_report.ROWS_ENV))
+
+
 @pytest.fixture(autouse=True)
 def _no_rows_file(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the made-up rows of these tests out of a report run's rows file."""
@@ -34,6 +39,8 @@ def _no_rows_file(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_committed_result_matches_schema() -> None:
+    if INSIDE_REPORT_RUN:
+        pytest.skip("inside a report run, which validates the file it writes before replacing this one")
     with open(REPO_ROOT / "results" / "gradcheck.json", encoding="utf-8") as handle:
         data = json.load(handle)
     validate(data, "gradcheck")
