@@ -20,13 +20,17 @@ SCHEMA_DIR = REPO_ROOT / "results" / "schemas"
 
 
 def git_commit(root: Path = REPO_ROOT) -> dict[str, Any]:
-    """Return the checked-out commit and whether the tree had uncommitted changes."""
+    """Return the checked-out commit and whether tracked files outside results/ had uncommitted changes.
+
+    Files under results/ are outputs: a session that regenerates several of
+    them would otherwise mark every later one as made from a modified tree.
+    """
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
             cwd=root,
             capture_output=True,
             text=True,
