@@ -292,6 +292,18 @@ def _resume_command(argv: Sequence[str], prepared: PreparedRun | None) -> str:
     A new run with default paths may have taken a free name such as
     TINY-smoke-2, which the same command with --resume would not pick.
     """
+    # --stop-after-steps counts from the start of each process, so carrying it
+    # over would stop the resumed run again.
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == "--stop-after-steps":
+            skip_value = True
+        elif not arg.startswith("--stop-after-steps="):
+            kept.append(arg)
+    argv = kept
     command = ["deqbench", *argv]
     if "--resume" not in argv:
         command.append("--resume")

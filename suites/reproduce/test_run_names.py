@@ -67,3 +67,12 @@ def test_overwrite_keeps_default_name(default_dirs: tuple[Path, Path]) -> None:
     prepared = prepare(ReproduceRequest(budget="smoke", overwrite=True))
 
     assert prepared.results_path == results_dir / "TINY-smoke.json"
+
+
+def test_resume_command_drops_stop_after_steps() -> None:
+    from deqbench.cli import _resume_command
+
+    command = _resume_command(["reproduce", "--stop-after-steps", "2", "--budget", "smoke", "--stop-after-steps=3"], None)
+
+    assert "--stop-after-steps" not in command
+    assert command == "deqbench reproduce --budget smoke --resume"
