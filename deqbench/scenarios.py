@@ -105,7 +105,7 @@ class Scenario:
     targets: tuple[Target, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """Every value of the scenario as plain JSON types."""
+        """Convert every value of the scenario to plain JSON types."""
         return dataclasses.asdict(self)
 
 

@@ -25,7 +25,7 @@ STOP_MODES = ("abs", "rel")
 
 
 class StopReason(str, enum.Enum):
-    """Why a sample's solve ended; the string value goes into results files."""
+    """Stop reason of one sample's solve; the string value goes into results files."""
 
     RUNNING = "running"  # only while a solve is in progress
     TOLERANCE = "tolerance"
